@@ -81,16 +81,41 @@ def _backtrack(value_and_grad, x, f, g, direction, project, reference, sigma_sca
     return t, x_t, f_t, g_t, ok
 
 
-def _solve_positive_definite(h: Float[Array, "n n"], b: Float[Array, " n"]) -> Float[Array, " n"]:
-    """Solve h x = b; if h is not positive definite, shift it by a Gershgorin bound."""
-    chol = jnp.linalg.cholesky(h)
-    ok = jnp.all(jnp.isfinite(chol))
-    off = jnp.sum(jnp.abs(h), axis=1) - jnp.abs(jnp.diag(h))
-    scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(h))), 1.0)
-    shift = jnp.maximum(0.0, 1e-6 * scale - jnp.min(jnp.diag(h) - off))
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    chol = jnp.where(ok, chol, jnp.linalg.cholesky(h + shift * eye))
-    return jax.scipy.linalg.cho_solve((chol, True), b)
+def _solve_modified_ldl(h: Float[Array, "n n"], b: Float[Array, " n"]) -> Float[Array, " n"]:
+    """Solve (h + E) x = b, where E is zero when h is safely positive definite.
+
+    A one-pass modified LDL^T factorisation: pivots below `delta` are replaced by
+    `max(|pivot|, delta)`, so an indefinite h still yields a descent direction and
+    a positive definite one the exact Newton step. Pure `jnp` on purpose: tiny
+    batched LAPACK calls are slow under vmap, and two of them side by side in one
+    program have wedged XLA's CPU runtime (jaxlib 0.10) in reverse mode.
+    """
+    n = h.shape[0]
+    index = jnp.arange(n)
+    delta = jnp.sqrt(jnp.finfo(h.dtype).eps) * jnp.maximum(1.0, jnp.max(jnp.abs(jnp.diag(h))))
+
+    def factor_column(j, carry):
+        low, piv = carry
+        before = index < j
+        weighted = jnp.where(before, low[j] * piv, 0.0)
+        pivot = h[j, j] - jnp.dot(weighted, low[j])
+        pivot = jnp.maximum(jnp.abs(pivot), delta)
+        column = (h[:, j] - low @ weighted) / pivot
+        column = jnp.where(index > j, column, jnp.where(index == j, 1.0, 0.0))
+        return low.at[:, j].set(column), piv.at[j].set(pivot)
+
+    zeros = jnp.zeros_like(h)
+    low, piv = jax.lax.fori_loop(0, n, factor_column, (zeros, jnp.ones_like(b)))
+
+    def forward(j, y):
+        return y.at[j].set(b[j] - jnp.dot(jnp.where(index < j, low[j], 0.0), y))
+
+    def backward(i, x):
+        j = n - 1 - i
+        return x.at[j].set(z[j] - jnp.dot(jnp.where(index > j, low[:, j], 0.0), x))
+
+    z = jax.lax.fori_loop(0, n, forward, jnp.zeros_like(b)) / piv
+    return jax.lax.fori_loop(0, n, backward, jnp.zeros_like(b))
 
 
 def newton_direction(
@@ -110,7 +135,7 @@ def newton_direction(
     active = ((x - lower <= eps) & (g > 0)) | ((upper - x <= eps) & (g < 0))
     free = ~active
     reduced = jnp.where(free[:, None] & free[None, :], h, 0.0) + jnp.diag(active.astype(h.dtype))
-    step = _solve_positive_definite(reduced, jnp.where(free, g, 0.0))
+    step = _solve_modified_ldl(reduced, jnp.where(free, g, 0.0))
     return jnp.where(free, -step, -g)
 
 
@@ -126,7 +151,8 @@ def projected_newton(
     """Minimise `fun` over the box [lower, upper] by projected Newton with Armijo search.
 
     Meant for small problems (up to a few dozen coordinates): each step forms the
-    dense Hessian. Non-convex directions are repaired by a diagonal shift.
+    dense Hessian. Where it is not positive definite, a modified LDL^T factorisation
+    turns the step into a descent direction.
 
     Arguments:
         fun: smooth scalar function of a flat vector, to be minimised.

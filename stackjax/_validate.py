@@ -82,15 +82,19 @@ def resolve_box(lower: Any, upper: Any, init: Any, prefix: str = "") -> Box:
 
     lo = jnp.broadcast_to(arrays.get("lower", jnp.asarray(-jnp.inf, dtype)), shape)
     hi = jnp.broadcast_to(arrays.get("upper", jnp.asarray(jnp.inf, dtype)), shape)
-    if is_concrete(lo) and is_concrete(hi):
-        if bool(jnp.any(jnp.isnan(lo))) or bool(jnp.any(jnp.isnan(hi))):
+    # Inside an outer jit even constants become tracers once jnp touches them, so
+    # values are checked in numpy on the caller's own (concrete) inputs.
+    if all(is_concrete(given[k]) for k in ("lower", "upper") if k in given):
+        lo_np = np.broadcast_to(np.asarray(given.get("lower", -np.inf), dtype=float), shape)
+        hi_np = np.broadcast_to(np.asarray(given.get("upper", np.inf), dtype=float), shape)
+        if np.isnan(lo_np).any() or np.isnan(hi_np).any():
             raise ValueError(f"{names['lower']}/{names['upper']}: bounds must not be NaN")
-        bad = np.flatnonzero(np.asarray(lo > hi))
+        bad = np.flatnonzero(lo_np > hi_np)
         if bad.size:
             i = int(bad[0])
             raise ValueError(
                 f"{names['lower']} must be <= {names['upper']}: at flat index {i}, "
-                f"lower={float(lo.reshape(-1)[i])} > upper={float(hi.reshape(-1)[i])}"
+                f"lower={lo_np.reshape(-1)[i]} > upper={hi_np.reshape(-1)[i]}"
             )
     if "init" in arrays:
         x0 = arrays["init"]
