@@ -20,6 +20,7 @@ Then peak memory of (i) vs (iv) as max_steps grows (XLA's compiled buffer plan).
 """
 
 import argparse
+import sys
 import time
 import warnings
 
@@ -36,7 +37,7 @@ from stackjax import _solvers  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    import jaxopt  # noqa: E402
+    import jaxopt
 
 TOL = 1e-6
 LOWER, UPPER = jnp.zeros(3), jnp.ones(3)
@@ -208,6 +209,19 @@ def residuals(actions, contexts):
     return jax.vmap(lambda a, gg: _solvers.projected_residual(a, -gg, LOWER, UPPER))(actions, g)
 
 
+def progress(message):
+    print(f"[bench_core] {message}", file=sys.stderr, flush=True)
+
+
+def max_residual(actions, contexts):
+    return float(jnp.max(residuals(jnp.asarray(actions), contexts)))
+
+
+def relative_error(grad, reference):
+    reference = np.asarray(reference)
+    return float(np.max(np.abs(np.asarray(grad) - reference)) / np.max(np.abs(reference)))
+
+
 def time_jax(fn, contexts, repeats=3):
     start = time.perf_counter()
     compiled = fn.lower(LEADER, contexts).compile()
@@ -241,46 +255,52 @@ def main(argv=None):
     rows = []
     for n in sizes:
         contexts = make_contexts(n)
-        ((value, (actions, steps)), grad), c_ours, t_ours = time_jax(ours, contexts)
+        progress(f"N = {n:,}: (i) stackjax")
+        ((_, (actions, steps)), grad), c_ours, t_ours = time_jax(ours, contexts)
         unroll_steps = int(steps.max())
-        ref_grad = np.asarray(grad)
+        rows.append(
+            (n, "(i) stackjax", c_ours, t_ours, t_ours, max_residual(actions, contexts), 0.0,
+             f"Newton steps <= {unroll_steps}")
+        )  # fmt: skip
 
-        def row(name, c, t, acts, g, note=""):
-            res = float(jnp.max(residuals(jnp.asarray(acts), contexts))) if acts is not None else np.nan
-            err = float(np.max(np.abs(np.asarray(g) - ref_grad)) / np.max(np.abs(ref_grad)))
-            rows.append((n, name, c, t, n / t, t / t_ours, res, err, note))
-
-        row("(i) stackjax", c_ours, t_ours, actions, grad, f"Newton steps <= {unroll_steps}")
-
+        progress(f"N = {n:,}: (ii) scipy loop")
         k = min(n, args.scipy_sessions)
-        sub = tuple(np.asarray(contexts[key][:k]) for key in ("gain", "price", "curv", "base"))
+        sub_contexts = {key: contexts[key][:k] for key in contexts}
+        sub = tuple(np.asarray(sub_contexts[key]) for key in ("gain", "price", "curv", "base"))
         start = time.perf_counter()
         _, g_scipy, a_scipy = scipy_value_and_fd_grad(LEADER, sub)
-        t_scipy_k = time.perf_counter() - start
-        sub_contexts = {key: contexts[key][:k] for key in contexts}
-        # The loop's cost is linear in sessions: time k of them, report the rate.
-        t_scipy = t_scipy_k * n / k
-        res_scipy = float(jnp.max(residuals(jnp.asarray(a_scipy), sub_contexts)))
+        # The loop's cost is linear in sessions: time k of them and scale to n.
+        t_scipy = (time.perf_counter() - start) * n / k
         (_, _), g_ours_sub = ours(LEADER, sub_contexts)
-        err = float(np.max(np.abs(g_scipy - np.asarray(g_ours_sub))) / np.max(np.abs(np.asarray(g_ours_sub))))
         rows.append(
-            (n, "(ii) scipy L-BFGS-B loop + FD", 0.0, t_scipy, n / t_scipy, t_scipy / t_ours, res_scipy, err,
-             f"timed on {k} sessions")
-        )
+            (n, "(ii) scipy L-BFGS-B loop + FD", 0.0, t_scipy, t_ours, max_residual(a_scipy, sub_contexts),
+             relative_error(g_scipy, g_ours_sub), f"timed on {k} sessions")
+        )  # fmt: skip
 
         for name, fn in jaxopt_fns.items():
+            progress(f"N = {n:,}: (iii) jaxopt.{name}")
             ((_, (acts, iters)), g), c, t = time_jax(fn, contexts)
             note = f"tol={JAXOPT_TOL[name]:g}, iterations <= {int(iters.max())}"
-            row(f"(iii) vmap jaxopt.{name}", c, t, acts, g, note)
+            rows.append(
+                (n, f"(iii) vmap jaxopt.{name}", c, t, t_ours, max_residual(acts, contexts),
+                 relative_error(g, grad), note)
+            )  # fmt: skip
 
-        unrolled = make_unrolled(unroll_steps)
-        ((_, (acts, _)), g), c, t = time_jax(unrolled, contexts)
-        row("(iv) unrolled Newton", c, t, acts, g, f"{unroll_steps} steps unrolled")
+        progress(f"N = {n:,}: (iv) unrolled")
+        ((_, (acts, _)), g), c, t = time_jax(make_unrolled(unroll_steps), contexts)
+        rows.append(
+            (n, "(iv) unrolled Newton", c, t, t_ours, max_residual(acts, contexts), relative_error(g, grad),
+             f"{unroll_steps} steps unrolled")
+        )  # fmt: skip
 
-    print("| N | method | compile s | run s | sessions/s | time vs (i) | max residual | hypergrad rel. err vs (i) | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, name, c, t, rate, ratio, res, err, note in rows:
-        print(f"| {n:,} | {name} | {c:.2f} | {t:.3f} | {rate:,.0f} | {ratio:.1f}x | {res:.1e} | {err:.1e} | {note} |")
+    header = ("N", "method", "compile s", "run s", "sessions/s", "time vs (i)", "max residual",
+              "hypergrad rel. err vs (i)", "note")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for n, name, c, t, t_ours, res, err, note in rows:
+        cells = (f"{n:,}", name, f"{c:.2f}", f"{t:.3f}", f"{n / t:,.0f}", f"{t / t_ours:.1f}x", f"{res:.1e}",
+                 f"{err:.1e}", note)  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
 
     n_mem = 10_000 if not args.quick else 1000
     contexts = make_contexts(n_mem)
@@ -288,6 +308,7 @@ def main(argv=None):
     print("| max_steps | (i) stackjax MiB | (iv) unrolled MiB | (iv) / (i) |")
     print("|---|---|---|---|")
     for steps in (5, 10, 20, 40) if not args.quick else (5, 10):
+        progress(f"memory at max_steps = {steps}")
         m_ours = temp_bytes(make_stackjax(max_steps=steps), contexts) / 2**20
         m_unrolled = temp_bytes(make_unrolled(steps), contexts) / 2**20
         print(f"| {steps} | {m_ours:.1f} | {m_unrolled:.1f} | {m_unrolled / m_ours:.1f}x |")

@@ -69,12 +69,16 @@ def main(argv=None):
     actions = solution.actions
     print(f"sessions                 {args.sessions}")
     print(f"leader commitment        target q = {target:.4f}, subsidy s = {subsidy:.4f}")
-    print(f"mean follower action     context = {float(actions[:, 0].mean()):.3f}, "
-          f"verbosity = {float(actions[:, 1].mean()):.3f}")
+    print(
+        f"mean follower action     context = {float(actions[:, 0].mean()):.3f}, "
+        f"verbosity = {float(actions[:, 1].mean()):.3f}"
+    )
     print(f"leader utility           {float(solution.history[0]):.4f} -> {float(solution.value):.4f}")
-    print(f"converged                {bool(solution.converged)} "
-          f"(leader residual {float(solution.leader_residual):.1e}, "
-          f"{int(solution.follower_info.converged.sum())}/{args.sessions} followers)")
+    print(
+        f"converged                {bool(solution.converged)} "
+        f"(leader residual {float(solution.leader_residual):.1e}, "
+        f"{int(solution.follower_info.converged.sum())}/{args.sessions} followers)"
+    )
     print(f"leader steps             {int(solution.steps)}")
     print(f"wall time (incl. compile) {seconds:.2f} s")
     return solution

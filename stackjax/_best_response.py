@@ -1,7 +1,8 @@
 """The follower's best response: argmax of its utility over a box, implicitly differentiated."""
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -74,9 +75,7 @@ def _solve(options, utility_static, leader, context, params, init, lower, upper)
             x, stats = _solvers.projected_newton(fun, x0, lo, hi, tol=tol, max_steps=max_steps)
             steps, nonfinite = stats.steps, stats.nonfinite
         elif options.method == "spg":
-            x, stats, _ = _solvers.spectral_projected_gradient(
-                fun, x0, lo, hi, tol=tol, max_steps=max_steps
-            )
+            x, stats, _ = _solvers.spectral_projected_gradient(fun, x0, lo, hi, tol=tol, max_steps=max_steps)
             steps, nonfinite = stats.steps, stats.nonfinite
         else:
             x, steps = _implicit.run_jaxopt_solver(

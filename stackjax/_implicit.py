@@ -6,7 +6,8 @@ swapping it for `jax.lax.custom_root` or optimistix touches this file alone.
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,8 @@
 """The leader's problem: gradient ascent through the follower's implicit best response."""
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -183,7 +184,9 @@ def _leader_bounds(bound: Any, params: PyTree, name: str, default: float, per_se
         )
     except ValueError as err:
         what = "one commitment (or per session)" if per_session else "leader_init"
-        raise ValueError(f"{name}: must be a scalar or match the structure and shape of {what}: {err}") from None
+        raise ValueError(
+            f"{name}: must be a scalar or match the structure and shape of {what}: {err}"
+        ) from None
 
 
 def solve_leader(
@@ -243,7 +246,9 @@ def solve_leader(
         raise ValueError("per_session: a policy leader_init already gives each session its own commitment")
     mode = "policy" if is_policy else ("per_session" if per_session else "shared")
     if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(f"optimizer: expected an optax GradientTransformation, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer: expected an optax GradientTransformation, got {type(optimizer).__name__}"
+        )
     if steps is None:
         steps = 200 if optimizer is None else 1000
     if int(steps) < 1:

@@ -11,7 +11,8 @@ unit step, `||x - clip(x - grad f(x), lower, upper)||_inf`, the same map whose
 root `_implicit.py` differentiates.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -235,9 +236,7 @@ def spectral_projected_gradient(
         x, f, g, r, k, _, alpha, recent, history = carry
         d = project(x - alpha * g) - x
         # The search runs along the segment x + t d, which stays in the box.
-        _, x_new, f_new, g_new, ok = _backtrack(
-            value_and_grad, x, f, g, d, lambda z: z, jnp.max(recent)
-        )
+        _, x_new, f_new, g_new, ok = _backtrack(value_and_grad, x, f, g, d, lambda z: z, jnp.max(recent))
         s, y = x_new - x, g_new - g
         sy = jnp.dot(s, y)
         alpha_new = jnp.where(sy > 0, jnp.dot(s, s) / jnp.where(sy > 0, sy, 1.0), _BB_MAX)

@@ -1,7 +1,6 @@
 """Test problems with known answers, shared by several test modules."""
 
 import jax
-import jax.numpy as jnp
 
 
 def duopoly_contexts(sessions, seed=0):

@@ -53,7 +53,9 @@ def _central_difference(fun, x, h=1e-6):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bounds", ["interior", "active"])
 def test_hypergradient_matches_finite_differences(seed, bounds):
-    context = _random_game(seed) | {"shift": jnp.asarray(np.random.default_rng(seed + 10).normal(size=N_ACTION))}
+    context = _random_game(seed) | {
+        "shift": jnp.asarray(np.random.default_rng(seed + 10).normal(size=N_ACTION))
+    }
     leader = jnp.asarray(np.random.default_rng(seed + 20).normal(size=N_LEADER))
     lower, upper = -10 * jnp.ones(N_ACTION), 10 * jnp.ones(N_ACTION)
     if bounds == "active":
@@ -82,7 +84,9 @@ def test_hypergradient_matches_finite_differences(seed, bounds):
     # ... and with respect to the context, through grad of a scalar.
     shift_fun = lambda s: jnp.sum(solve(leader, context | {"shift": s}) ** 2)  # noqa: E731
     grad_shift = np.asarray(jax.grad(shift_fun)(context["shift"]))
-    np.testing.assert_allclose(grad_shift, _central_difference(shift_fun, context["shift"]), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        grad_shift, _central_difference(shift_fun, context["shift"]), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_ridge_hyperparameter_gradient_matches_closed_form():
@@ -106,7 +110,9 @@ def test_ridge_hyperparameter_gradient_matches_closed_form():
     w = np.linalg.solve(a, x_train.T @ y_train)
     dw_dlam = -np.linalg.solve(a, w)
     expected = 2 * (x_valid @ w - y_valid) @ (x_valid @ dw_dlam) * lam  # chain rule through exp
-    np.testing.assert_allclose(float(validation_loss(log_lam)), np.sum((x_valid @ w - y_valid) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(
+        float(validation_loss(log_lam)), np.sum((x_valid @ w - y_valid) ** 2), rtol=1e-10
+    )
     np.testing.assert_allclose(float(jax.grad(validation_loss)(log_lam)), expected, rtol=1e-7)
 
 
@@ -132,7 +138,13 @@ def test_box_qp_solution_and_jacobian_match_kkt_closed_form(n, seed, width):
         _qp_utility, lin, jnp.asarray(quad), lower=jnp.asarray(lower), upper=jnp.asarray(upper), tol=1e-11
     )
     action, info = sj.best_response(
-        _qp_utility, jnp.asarray(linear), jnp.asarray(quad), lower=lower, upper=upper, tol=1e-11, return_info=True
+        _qp_utility,
+        jnp.asarray(linear),
+        jnp.asarray(quad),
+        lower=lower,
+        upper=upper,
+        tol=1e-11,
+        return_info=True,
     )
     assert bool(info.converged)
     action = np.asarray(action)
@@ -191,11 +203,17 @@ def test_solvers_agree_with_each_other_and_with_jaxopt():
     newton = sj.best_response(smooth_concave_utility, leader, context, solver="newton", **box)
     spg = sj.best_response(smooth_concave_utility, leader, context, solver="spg", **box)
     lbfgsb = sj.best_response(
-        smooth_concave_utility, leader, context, solver=functools.partial(jaxopt.LBFGSB, tol=1e-12, maxiter=500), **box
+        smooth_concave_utility,
+        leader,
+        context,
+        solver=functools.partial(jaxopt.LBFGSB, tol=1e-12, maxiter=500),
+        **box,
     )
     np.testing.assert_allclose(spg, newton, atol=1e-8)
     np.testing.assert_allclose(lbfgsb, newton, atol=1e-7)
-    unconstrained = sj.best_response(smooth_concave_utility, leader, context, init=jnp.zeros(N_ACTION), tol=1e-10)
+    unconstrained = sj.best_response(
+        smooth_concave_utility, leader, context, init=jnp.zeros(N_ACTION), tol=1e-10
+    )
     lbfgs = sj.best_response(
         smooth_concave_utility,
         leader,
@@ -205,11 +223,17 @@ def test_solvers_agree_with_each_other_and_with_jaxopt():
     )
     np.testing.assert_allclose(lbfgs, unconstrained, atol=1e-7)
     # Gradients go through stackjax's own implicit differentiation whatever the solver.
-    g_newton = jax.grad(lambda lead: jnp.sum(sj.best_response(smooth_concave_utility, lead, context, **box)))(leader)
+    g_newton = jax.grad(lambda lead: jnp.sum(sj.best_response(smooth_concave_utility, lead, context, **box)))(
+        leader
+    )
     g_lbfgsb = jax.grad(
         lambda lead: jnp.sum(
             sj.best_response(
-                smooth_concave_utility, lead, context, solver=jaxopt.LBFGSB(fun=lambda x: 0.0, tol=1e-12), **box
+                smooth_concave_utility,
+                lead,
+                context,
+                solver=jaxopt.LBFGSB(fun=lambda x: 0.0, tol=1e-12),
+                **box,
             )
         )
     )(leader)
@@ -243,7 +267,7 @@ def test_nonconcave_utility_still_reaches_a_stationary_point():
 
 def test_non_convergence_is_flagged():
     context = _random_game(0) | {"shift": jnp.ones(N_ACTION)}
-    action, info = sj.best_response(
+    _, info = sj.best_response(
         smooth_concave_utility, jnp.ones(3), context, init=jnp.zeros(N_ACTION), max_steps=1, return_info=True
     )
     assert not bool(info.converged)

@@ -116,8 +116,13 @@ def test_contextual_policy_matches_least_squares():
 def test_policy_outputs_are_projected_onto_the_leader_box():
     x = jnp.linspace(0.5, 2.0, 16)
     sol = sj.solve_leader(
-        _policy_leader, _policy_follower, LinearPolicy(jnp.array([0.0, 5.0])), x, init=jnp.zeros(1),
-        leader_upper=1.2, steps=5,
+        _policy_leader,
+        _policy_follower,
+        LinearPolicy(jnp.array([0.0, 5.0])),
+        x,
+        init=jnp.zeros(1),
+        leader_upper=1.2,
+        steps=5,
     )
     assert float(jnp.max(sol.actions[:, 0] / x)) <= 1.2 + 1e-12
 
@@ -144,17 +149,23 @@ def test_solve_leader_compiles_once_per_shape():
     first = duopoly_contexts(50, seed=1)
     sj.solve_leader(duopoly_leader, follower, jnp.asarray(1.0), first, lower=jnp.zeros(1))
     traces = follower.traces
-    sol = sj.solve_leader(duopoly_leader, follower, jnp.asarray(2.0), duopoly_contexts(50, seed=2), lower=jnp.zeros(1))
+    sol = sj.solve_leader(
+        duopoly_leader, follower, jnp.asarray(2.0), duopoly_contexts(50, seed=2), lower=jnp.zeros(1)
+    )
     assert follower.traces == traces
     assert bool(sol.converged)
-    sj.solve_leader(duopoly_leader, follower, jnp.asarray(2.0), duopoly_contexts(60, seed=2), lower=jnp.zeros(1))
+    sj.solve_leader(
+        duopoly_leader, follower, jnp.asarray(2.0), duopoly_contexts(60, seed=2), lower=jnp.zeros(1)
+    )
     assert follower.traces > traces
 
 
 def test_bad_input_raises(markets):
     args = (duopoly_leader, duopoly_follower)
     with pytest.raises(ValueError, match="contexts"):
-        sj.solve_leader(*args, 1.0, {"a": jnp.ones(3), "b": jnp.ones(4), "c": jnp.ones(3)}, lower=jnp.zeros(1))
+        sj.solve_leader(
+            *args, 1.0, {"a": jnp.ones(3), "b": jnp.ones(4), "c": jnp.ones(3)}, lower=jnp.zeros(1)
+        )
     with pytest.raises(ValueError, match="contexts"):
         sj.solve_leader(*args, 1.0, {"a": 1.0}, lower=jnp.zeros(1))
     with pytest.raises(ValueError, match="leader_init"):
