@@ -379,3 +379,28 @@ def test_separable_projection_property(lower, width, centre):
     upper = lower + width
     action = sj.best_response(_separable, jnp.asarray(centre), None, lower=lower, upper=upper)
     np.testing.assert_allclose(action, np.clip(centre, lower, upper), atol=1e-9)
+
+
+def _matrix_utility(action, leader, context):
+    return -jnp.sum((action - leader * context) ** 2) - 0.1 * jnp.sum(action**4)
+
+
+def test_matrix_shaped_action_keeps_its_shape_and_gradient():
+    context = jnp.arange(6.0).reshape(2, 3) / 6
+    action = sj.best_response(_matrix_utility, 1.5, context, lower=jnp.zeros((2, 3)), upper=0.5)
+    assert action.shape == (2, 3)
+    # Separable: each entry solves 2 (a - l x) + 0.4 a^3 = 0, or sits at the upper bound 0.5.
+    target = 1.5 * np.asarray(context)
+    residual = 2 * (np.asarray(action) - target) + 0.4 * np.asarray(action) ** 3
+    interior = np.asarray(action) < 0.5 - 1e-9
+    np.testing.assert_allclose(residual[interior], 0.0, atol=1e-9)
+    assert np.all(residual[~interior] < 0)
+    grad = jax.grad(
+        lambda lead: jnp.sum(
+            sj.best_response(_matrix_utility, lead, context, lower=0.0, upper=0.5 + 0 * context)
+        )
+    )(1.5)
+    a = np.asarray(action)
+    # Implicit derivative per interior entry: da/dl = 2 x / (2 + 1.2 a^2).
+    expected = np.sum(np.where(interior, 2 * np.asarray(context) / (2 + 1.2 * a**2), 0.0))
+    np.testing.assert_allclose(grad, expected, rtol=1e-8)
