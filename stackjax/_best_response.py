@@ -51,6 +51,7 @@ class _Options:
     """The static part of one best-response problem (hashable: it keys the jit cache)."""
 
     shape: tuple[int, ...]
+    closure_converted: bool
     method: str
     solver: Any
     bounded: bool
@@ -63,6 +64,8 @@ def _solve(options, utility_static, leader, context, params, init, lower, upper)
     shape, tol, max_steps = options.shape, options.tol, options.max_steps
 
     def objective(x, leader, context, params):
+        if options.closure_converted:
+            return -utility_static(x.reshape(shape), leader, context, *params)
         return -eqx.combine(params, utility_static)(x.reshape(shape), leader, context)
 
     def optimality(x, leader, context, params, lo, hi):
@@ -124,9 +127,9 @@ def best_response(
 
     Arguments:
         utility: the follower's utility; smooth in the action, returning a scalar.
-            It may be a callable pytree (e.g. an `eqx.Module`), whose arrays then
-            receive gradients too. Anything else it depends on must come in through
-            `leader` or `context` to be differentiated.
+            It may be a callable pytree (e.g. an `eqx.Module`) or close over traced
+            values (inside `jit`/`grad`); either way those arrays receive gradients
+            too.
         leader: the leader's commitment (any pytree).
         context: the session's context (any pytree).
         lower, upper: per-coordinate bounds (arrays or scalars); `None` means unbounded.
@@ -165,12 +168,18 @@ def best_response(
         raise ValueError(f"max_steps: must be >= 0, got {max_steps}")
     max_steps = int(max_steps)
 
-    params, static = eqx.partition(utility, eqx.is_array)
-    _validate.check_scalar_output(
-        jax.eval_shape(lambda a: eqx.combine(params, static)(a, leader, context), box.init),
-        "utility",
+    _validate.check_scalar_output(jax.eval_shape(utility, box.init, leader, context), "utility")
+    # Inside an outer transformation the utility may close over traced values (a
+    # model being trained, say); hoisting them into explicit arguments lets them
+    # receive implicit gradients instead of leaking into the solver's trace.
+    converted, consts = jax.closure_convert(
+        lambda a, lead, ctx: utility(a, lead, ctx), box.init, leader, context
     )
-    options = _Options(shape, method, solver, box.bounded, tol, max_steps)
+    if consts:
+        params, static = list(consts), converted
+    else:
+        params, static = eqx.partition(utility, eqx.is_array)
+    options = _Options(shape, bool(consts), method, solver, box.bounded, tol, max_steps)
     x, info = _solve(options, static, leader, context, params, box.init, box.lower, box.upper)
     action = x.reshape(shape).astype(dtype)
     if return_info:

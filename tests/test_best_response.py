@@ -404,3 +404,13 @@ def test_matrix_shaped_action_keeps_its_shape_and_gradient():
     # Implicit derivative per interior entry: da/dl = 2 x / (2 + 1.2 a^2).
     expected = np.sum(np.where(interior, 2 * np.asarray(context) / (2 + 1.2 * a**2), 0.0))
     np.testing.assert_allclose(grad, expected, rtol=1e-8)
+
+
+def test_utility_closing_over_traced_values_gets_their_gradients():
+    def total(weights):
+        utility = lambda a, lead, ctx: -jnp.sum((a - weights * lead) ** 2)  # noqa: E731
+        return jnp.sum(sj.best_response(utility, 2.0, None, init=jnp.zeros(2)) ** 2)
+
+    # a* = 2 w, so d sum(a*^2) / dw = 8 w.
+    weights = jnp.array([0.3, -0.4])
+    np.testing.assert_allclose(jax.jit(jax.grad(total))(weights), 8 * weights, rtol=1e-8)
