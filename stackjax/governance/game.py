@@ -110,6 +110,9 @@ class GameConfig:
         return jnp.array([self.target_range[1], 1.0])
 
 
+DEFAULT_CONFIG = GameConfig()
+
+
 def soft_hinge(z: Float[Array, "..."], temperature: float) -> Float[Array, "..."]:
     """Smooth `max(z, 0)`: `t softplus(z / t)`, within `t log 2` of the hinge."""
     return temperature * jax.nn.softplus(z / temperature)

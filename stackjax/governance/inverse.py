@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 
 from .. import best_response
 from . import game
-from .game import FollowerWeights, GameConfig, TurnContext
+from .game import DEFAULT_CONFIG, FollowerWeights, GameConfig, TurnContext
 from .response import ResponseModel
 
 
@@ -66,7 +66,7 @@ def fit_follower_weights(
     contexts: TurnContext,
     observed_actions: Float[Array, "n 3"],
     *,
-    config: GameConfig = GameConfig(),
+    config: GameConfig = DEFAULT_CONFIG,
     init: FollowerWeights | None = None,
     steps: int = 60,
 ) -> tuple[FollowerWeights, np.ndarray]:

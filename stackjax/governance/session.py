@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import best_response
 from . import actions, features, game
-from .game import GameConfig, SessionState
+from .game import DEFAULT_CONFIG, GameConfig, SessionState
 from .response import ResponseModel
 
 USER_MESSAGE_TOKENS = 100.0
@@ -78,7 +78,15 @@ class LeaderPolicy(eqx.Module):
     upper: Float[Array, " 2"]
     task_aware: bool = eqx.field(static=True, default=True)
 
-    def __init__(self, key: PRNGKeyArray, config: GameConfig = GameConfig(), *, task_aware: bool = True, width: int = 32, depth: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        key: PRNGKeyArray,
+        config: GameConfig = DEFAULT_CONFIG,
+        *,
+        task_aware: bool = True,
+        width: int = 32,
+        depth: int = 2,
+    ):
         size = 14 if task_aware else 9
         self.mlp = eqx.nn.MLP(size, 2, width, depth, activation=jax.nn.tanh, key=key)
         self.lower, self.upper = config.leader_lower, config.leader_upper
@@ -177,7 +185,7 @@ def rollout(
     states: SessionState,
     turns: int,
     *,
-    config: GameConfig = GameConfig(),
+    config: GameConfig = DEFAULT_CONFIG,
     key: PRNGKeyArray | None = None,
     sample: bool = False,
 ) -> tuple[Turn, SessionState]:
@@ -252,7 +260,7 @@ def train_policy(
     policy: LeaderPolicy,
     model: ResponseModel,
     *,
-    config: GameConfig = GameConfig(),
+    config: GameConfig = DEFAULT_CONFIG,
     steps: int = 300,
     sessions: int = 256,
     turns: int = 3,
