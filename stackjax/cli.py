@@ -17,6 +17,99 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_KEYS = (
+    "token_r2_cell",
+    "quality_mae_cell",
+    "verbosity_effect_mae",
+    "token_r2_call",
+    "quality_r2_call",
+    "n_calls",
+    "n_skipped",
+)
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    import json
+
+    from ._io import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2) + "\n"), binary=False)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .governance import calibrate, data, response
+
+    anchor = None if args.anchor_level == "none" else args.anchor_level
+    try:
+        records = data.load(args.data)
+        evaluation = data.load(args.eval) if args.eval else None
+    except ValueError as err:
+        print(f"stackjax calibrate: {err}", file=sys.stderr)
+        return 2
+    print(f"fitting on {len(records)} calls ({records.n_skipped} rows skipped: {records.skipped or 'none'})")
+    model = calibrate.fit_response_model(records, steps=args.steps)
+    if args.out:
+        response.save(model, args.out)
+        print(f"saved the fitted response model to {args.out}")
+
+    if evaluation is not None:
+        protocol = f"held-out files {args.eval}"
+        report = _evaluate_held_out(model, evaluation, anchor)
+        report["n_skipped"] = evaluation.n_skipped
+    else:
+        protocol = "leave-one-exam-out"
+        report, _ = calibrate.leave_one_group_out(
+            records, steps=args.steps, anchor_level=anchor, progress=True
+        )
+    anchor_note = f", anchored on each task's {anchor} calls" if anchor else ", no anchor"
+    print(f"\n{protocol}{anchor_note}:")
+    for key in REPORT_KEYS:
+        value = report[key]
+        print(f"  {key:22s} {value:.4f}" if isinstance(value, float) else f"  {key:22s} {value}")
+    if args.json:
+        payload = {
+            k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in report.items()
+        }
+        payload["protocol"] = protocol
+        payload["anchor_level"] = anchor
+        _write_json_atomically(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _evaluate_held_out(model, evaluation, anchor):
+    import numpy as np
+
+    from .governance import actions, calibrate
+
+    tokens = np.full(len(evaluation), np.nan)
+    quality = np.full(len(evaluation), np.nan)
+    anchor_rows = np.zeros(len(evaluation), bool)
+    if anchor is not None:
+        anchor_rows = actions.verbosity_level(evaluation.action[:, 1]) == actions.VERBOSITY_LEVELS.index(
+            anchor
+        )
+    for group in np.unique(evaluation.group):
+        for name in np.unique(evaluation.model):
+            rows = (evaluation.group == group) & (evaluation.model == name)
+            if not rows.any():
+                continue
+            fitted = model
+            if anchor is not None and (rows & anchor_rows).any():
+                fitted = calibrate.anchor_to(model, evaluation.subset(rows & anchor_rows))
+            predictions = calibrate.predict(fitted, evaluation.subset(rows))
+            tokens[rows], quality[rows] = predictions.tokens, predictions.quality
+    unseen = ~anchor_rows
+    report = calibrate.calibration_report(
+        evaluation.subset(unseen), calibrate.Predictions(tokens[unseen], quality[unseen])
+    )
+    effects = calibrate.calibration_report(evaluation, calibrate.Predictions(tokens, quality))
+    report["verbosity_effect_mae"] = effects["verbosity_effect_mae"]
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stackjax",
@@ -26,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="print versions and the JAX devices in use")
     info.set_defaults(run=_info)
+
+    cal = commands.add_parser(
+        "calibrate",
+        help="fit the response model to call logs and report how well it predicts unseen tasks",
+        description="Fit the response model (tokens and quality as functions of the action) to call logs: "
+        "CSV in the real-api formats or JSONL logs of the governed client. Reports cell-level and per-call "
+        "figures on --eval files, or by leave-one-exam-out without them.",
+    )
+    cal.add_argument(
+        "--data", action="append", required=True, metavar="PATH", help="call log to fit (repeatable)"
+    )
+    cal.add_argument(
+        "--eval", action="append", default=[], metavar="PATH", help="held-out call log (repeatable)"
+    )
+    cal.add_argument("--out", metavar="PATH", help="save the fitted response model here")
+    cal.add_argument("--json", metavar="OUT", help="write the figures as JSON here")
+    cal.add_argument(
+        "--anchor-level",
+        default="answer_only",
+        choices=["answer_only", "concise", "chain_of_thought", "detailed", "none"],
+        help="anchor each unseen (task, model)'s intercepts on its calls at this verbosity level and report "
+        "on its other cells (default: answer_only); 'none' predicts unseen tasks from their type alone",
+    )
+    cal.add_argument("--steps", type=int, default=400, help="L-BFGS iterations per fit")
+    cal.set_defaults(run=_calibrate)
     return parser
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._io import atomic_write
 from . import features
 
 N_RAMPS = 3
@@ -138,19 +139,25 @@ class ResponseModel(eqx.Module):
 
 def save(model: ResponseModel, path) -> None:
     """Write a response model to `path` (equinox leaf serialisation, atomically)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        eqx.tree_serialise_leaves(handle, model)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    atomic_write(path, lambda handle: eqx.tree_serialise_leaves(handle, model))
 
 
 def load(path) -> ResponseModel:
     """Read a response model written by `save`."""
     return eqx.tree_deserialise_leaves(path, ResponseModel.prior())
+
+
+CALIBRATED_FILE = "calibrated_response.eqx"
+
+
+def calibrated() -> ResponseModel:
+    """The response model fitted to the real API logs (`../shared/data/real-api`), shipped with stackjax.
+
+    Regenerate it with `stackjax calibrate --data concise_cot_calls.csv --data
+    fewshot_addition_calls_gpt35.csv --out stackjax/governance/calibrated_response.eqx`;
+    a test checks that doing so reproduces the shipped file.
+    """
+    from importlib import resources
+
+    with resources.as_file(resources.files(__package__) / CALIBRATED_FILE) as path:
+        return load(path)

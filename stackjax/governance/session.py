@@ -15,8 +15,6 @@ previous leader signal update. With `sample=True`, T and Q are drawn (log-normal
 tokens, quality as the share of 10 graded answers) instead of their expectations.
 """
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import best_response
+from .._io import atomic_write
 from . import actions, features, game
 from .game import DEFAULT_CONFIG, GameConfig, SessionState
 from .response import ResponseModel
@@ -327,13 +326,7 @@ def train_policy(
 
 def save_policy(policy: LeaderPolicy, path: str | Path) -> None:
     """Write the policy's parameters to `path` atomically (equinox serialisation)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        eqx.tree_serialise_leaves(handle, policy)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    atomic_write(path, lambda handle: eqx.tree_serialise_leaves(handle, policy))
 
 
 def load_policy(path: str | Path, like: LeaderPolicy) -> LeaderPolicy:
