@@ -142,7 +142,8 @@ def best_response(
             `functools.partial(jaxopt.LBFGSB, maxiter=500)`. Bounded problems need
             one that takes a box (ProjectedGradient, LBFGSB).
         tol: stop when the fixed-point residual is at most `tol`
-            (default 1e-5 in float32, 1e-9 in float64).
+            (default 1e-4 in float32, where gradients of utilities built from
+            large token counts carry rounding noise near 1e-5, and 1e-9 in float64).
         max_steps: iteration cap (default 50 for Newton, 2000 for SPG).
         return_info: also return a `BestResponseInfo`.
 

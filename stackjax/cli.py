@@ -110,6 +110,30 @@ def _evaluate_held_out(model, evaluation, anchor):
     return report
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .governance import demo
+
+    print(
+        "stackjax demo: a simulation on the response model calibrated on real API logs "
+        "(no API is called).\n"
+        f"Training a task-aware leader policy: {args.steps} steps x {args.train_sessions} sessions x "
+        f"{args.turns} turns, then {args.eval_sessions} fresh sessions per controller.\n"
+    )
+    result = demo.run(
+        train_sessions=args.train_sessions,
+        steps=args.steps,
+        eval_sessions=args.eval_sessions,
+        turns=args.turns,
+        seed=args.seed,
+    )
+    print(f"\ntrained in {result.train_seconds:.1f} s\n")
+    print(demo.format_table(result))
+    if args.plot:
+        demo.plot(result, args.plot)
+        print(f"\nsaved the plot to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stackjax",
@@ -119,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="print versions and the JAX devices in use")
     info.set_defaults(run=_info)
+
+    dem = commands.add_parser(
+        "demo",
+        help="train a controller on the calibrated simulator and compare it with fixed baselines",
+    )
+    dem.add_argument("--steps", type=int, default=300, help="training steps")
+    dem.add_argument("--train-sessions", type=int, default=512, help="sessions per training batch")
+    dem.add_argument("--eval-sessions", type=int, default=1000, help="fresh sessions per controller")
+    dem.add_argument("--turns", type=int, default=3, help="turns per session")
+    dem.add_argument("--seed", type=int, default=0)
+    dem.add_argument("--plot", default="stackjax-demo.png", help="where to save the plot ('' for none)")
+    dem.set_defaults(run=_demo)
 
     cal = commands.add_parser(
         "calibrate",

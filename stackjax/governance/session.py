@@ -73,8 +73,8 @@ class LeaderPolicy(eqx.Module):
     """
 
     mlp: eqx.nn.MLP
-    lower: Float[Array, " 2"]
-    upper: Float[Array, " 2"]
+    lower: tuple[float, float] = eqx.field(static=True)
+    upper: tuple[float, float] = eqx.field(static=True)
     task_aware: bool = eqx.field(static=True, default=True)
 
     def __init__(
@@ -88,12 +88,14 @@ class LeaderPolicy(eqx.Module):
     ):
         size = 14 if task_aware else 9
         self.mlp = eqx.nn.MLP(size, 2, width, depth, activation=jax.nn.tanh, key=key)
-        self.lower, self.upper = config.leader_lower, config.leader_upper
+        self.lower = (float(config.target_range[0]), 0.0)
+        self.upper = (float(config.target_range[1]), 1.0)
         self.task_aware = task_aware
 
     def __call__(self, state: SessionState) -> Float[Array, " 2"]:
         inputs = state.task_features() if self.task_aware else state.scalar_features()
-        return self.lower + (self.upper - self.lower) * jax.nn.sigmoid(self.mlp(inputs))
+        lower, upper = jnp.asarray(self.lower), jnp.asarray(self.upper)
+        return lower + (upper - lower) * jax.nn.sigmoid(self.mlp(inputs))
 
 
 class Turn(eqx.Module):
@@ -109,8 +111,8 @@ class Turn(eqx.Module):
     converged: Any
 
 
-def _leader_signal(policy: LeaderPolicy, state: SessionState, config: GameConfig) -> Float[Array, " 2"]:
-    raw = policy(state)
+def smooth_signal(raw: Float[Array, " 2"], state: SessionState, config: GameConfig) -> Float[Array, " 2"]:
+    """The signal applied this turn: the paper's subsidy smoothing, and held for `hold_turns` turns."""
     previous = state.previous_leader
     subsidy = actions.smooth_subsidy(
         raw[1], previous[1], inertia=config.subsidy_inertia, max_change=config.subsidy_max_change
@@ -126,7 +128,7 @@ def _act(controller, state, context, model, config):
         return state.previous_leader, controller.action, jnp.asarray(True)
     if isinstance(controller, ThresholdRule):
         return state.previous_leader, controller.action(state), jnp.asarray(True)
-    leader = _leader_signal(controller, state, config)
+    leader = smooth_signal(controller(state), state, config)
     action, info = best_response(
         lambda a, lead, ctx: game.follower_utility(a, lead, ctx, model, config),
         leader,
@@ -255,6 +257,20 @@ def training_loss(
     return -jnp.mean(record.leader_utility), record
 
 
+@eqx.filter_jit
+def _train_step(params, static, opt_state, key, model, config, learning_rate, sessions, turns):
+    """One Adam step on a fresh batch; module-level so repeated training runs reuse the compilation."""
+    optimizer = optax.adam(learning_rate)
+    batch = sample_sessions(key, sessions, turns=turns)
+
+    def loss(p):
+        return training_loss(eqx.combine(p, static), model, batch, turns, config)[0]
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+
 def train_policy(
     policy: LeaderPolicy,
     model: ResponseModel,
@@ -289,21 +305,8 @@ def train_policy(
     """
     if steps < 1 or sessions < 1:
         raise ValueError("steps and sessions must be >= 1")
-    optimizer = optax.adam(learning_rate)
     params, static = eqx.partition(policy, eqx.is_inexact_array)
-    state = optimizer.init(params)
-
-    @eqx.filter_jit
-    def update(params, opt_state, key):
-        batch = sample_sessions(key, sessions, turns=turns)
-
-        def loss(p):
-            return training_loss(eqx.combine(p, static), model, batch, turns, config)[0]
-
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
+    state = optax.adam(learning_rate).init(params)
     losses = np.zeros(steps)
     keys = jax.random.split(jax.random.PRNGKey(seed), steps)
     iterator = range(steps)
@@ -312,7 +315,9 @@ def train_policy(
 
         iterator = tqdm(iterator, desc="training leader policy")
     for i in iterator:
-        params, state, value = update(params, state, keys[i])
+        params, state, value = _train_step(
+            params, static, state, keys[i], model, config, learning_rate, sessions, turns
+        )
         losses[i] = float(value)
         if not np.isfinite(losses[i]):
             raise FloatingPointError(f"train_policy: the loss became non-finite at step {i}")
