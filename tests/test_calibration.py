@@ -135,12 +135,13 @@ def test_linear_token_correction_recovers_the_papers_coefficients():
         calibrate.fit_linear_correction(np.ones(5), np.arange(5.0))
 
 
-def test_response_model_round_trips_through_a_file(tmp_path, real_fit):
+def test_response_model_round_trips_through_a_file(tmp_path):
+    model = _synthetic_truth()
     path = tmp_path / "model.eqx"
-    save(real_fit, path)
+    save(model, path)
     loaded = load(path)
     x = jnp.zeros(features.N_COVARIATES)
-    np.testing.assert_array_equal(loaded.tokens(jnp.ones(3) * 0.5, x), real_fit.tokens(jnp.ones(3) * 0.5, x))
+    np.testing.assert_array_equal(loaded.tokens(jnp.ones(3) * 0.5, x), model.tokens(jnp.ones(3) * 0.5, x))
 
 
 def test_response_model_is_monotone_in_tokens():

@@ -14,8 +14,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from .._optim import lbfgs_minimise
 from . import features
 from .data import CallRecords
 from .response import ResponseModel
@@ -71,17 +71,7 @@ def negative_log_posterior(
 @eqx.filter_jit
 def _fit(init, data, weights, prior, prior_strength, task_shrinkage, steps: int):
     loss = lambda m: negative_log_posterior(m, data, weights, prior, prior_strength, task_shrinkage)  # noqa: E731
-    optimizer = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def step(carry, _):
-        model, state = carry
-        value, grad = value_and_grad(model, state=state)
-        updates, state = optimizer.update(grad, state, model, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(model, updates), state), value
-
-    (model, _), values = jax.lax.scan(step, (init, optimizer.init(init)), None, length=steps)
-    return model, values
+    return lbfgs_minimise(loss, init, steps)
 
 
 def fit_response_model(

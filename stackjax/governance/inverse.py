@@ -11,10 +11,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float
 
 from .. import best_response
+from .._optim import lbfgs_minimise
 from . import game
 from .game import DEFAULT_CONFIG, FollowerWeights, GameConfig, TurnContext
 from .response import ResponseModel
@@ -47,17 +47,7 @@ def _fit(log_init, model, leaders, contexts, observed, config, steps):
         w = FollowerWeights(*jnp.exp(log_w))
         return jnp.mean(jnp.sum((predicted_actions(w, model, leaders, contexts, config) - observed) ** 2, -1))
 
-    optimizer = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def step(carry, _):
-        params, state = carry
-        value, grad = value_and_grad(params, state=state)
-        updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(params, updates), state), value
-
-    (log_w, _), values = jax.lax.scan(step, (log_init, optimizer.init(log_init)), None, length=steps)
-    return log_w, values
+    return lbfgs_minimise(loss, log_init, steps)
 
 
 def fit_follower_weights(
