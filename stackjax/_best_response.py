@@ -137,7 +137,7 @@ def best_response(
             Defaults to the box midpoint.
         solver: `"auto"` (projected Newton up to 64 coordinates, spectral projected
             gradient above), `"newton"`, `"spg"`, or a jaxopt solver: an instance
-            (its `fun` is replaced by the negated utility, so any placeholder will
+            (its `fun` is replaced by the negated utility, so any stand-in function will
             do) or a factory `fun -> solver` such as
             `functools.partial(jaxopt.LBFGSB, maxiter=500)`. Bounded problems need
             one that takes a box (ProjectedGradient, LBFGSB).
