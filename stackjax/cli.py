@@ -56,7 +56,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if evaluation is not None:
         protocol = f"held-out files {args.eval}"
-        report = _evaluate_held_out(model, evaluation, anchor)
+        report, _ = calibrate.evaluate_held_out(model, evaluation, anchor_level=anchor)
         report["n_skipped"] = evaluation.n_skipped
     else:
         protocol = "leave-one-exam-out"
@@ -77,37 +77,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         _write_json_atomically(args.json, payload)
         print(f"wrote {args.json}")
     return 0
-
-
-def _evaluate_held_out(model, evaluation, anchor):
-    import numpy as np
-
-    from .governance import actions, calibrate
-
-    tokens = np.full(len(evaluation), np.nan)
-    quality = np.full(len(evaluation), np.nan)
-    anchor_rows = np.zeros(len(evaluation), bool)
-    if anchor is not None:
-        anchor_rows = actions.verbosity_level(evaluation.action[:, 1]) == actions.VERBOSITY_LEVELS.index(
-            anchor
-        )
-    for group in np.unique(evaluation.group):
-        for name in np.unique(evaluation.model):
-            rows = (evaluation.group == group) & (evaluation.model == name)
-            if not rows.any():
-                continue
-            fitted = model
-            if anchor is not None and (rows & anchor_rows).any():
-                fitted = calibrate.anchor_to(model, evaluation.subset(rows & anchor_rows))
-            predictions = calibrate.predict(fitted, evaluation.subset(rows))
-            tokens[rows], quality[rows] = predictions.tokens, predictions.quality
-    unseen = ~anchor_rows
-    report = calibrate.calibration_report(
-        evaluation.subset(unseen), calibrate.Predictions(tokens[unseen], quality[unseen])
-    )
-    effects = calibrate.calibration_report(evaluation, calibrate.Predictions(tokens, quality))
-    report["verbosity_effect_mae"] = effects["verbosity_effect_mae"]
-    return report
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -257,6 +257,64 @@ def _newton_1d(f, df, x0: float = 0.0, steps: int = 60) -> float:
     return float(x)
 
 
+def _anchor_rows(records: CallRecords, anchor_level: str | None) -> np.ndarray:
+    from . import actions
+
+    if anchor_level is None:
+        return np.zeros(len(records), bool)
+    if anchor_level not in actions.VERBOSITY_LEVELS:
+        raise ValueError(f"anchor_level: expected one of {actions.VERBOSITY_LEVELS}, got {anchor_level!r}")
+    level = actions.VERBOSITY_LEVELS.index(anchor_level)
+    return actions.verbosity_level(records.action[:, 1]) == level
+
+
+def _predict_deployments(model: ResponseModel, records: CallRecords, anchor_rows: np.ndarray) -> Predictions:
+    """Predict every row; with anchor rows, each (group, model) pair is first anchored on its own."""
+    tokens = np.full(len(records), np.nan)
+    quality = np.full(len(records), np.nan)
+    for group in np.unique(records.group):
+        for name in np.unique(records.model):
+            rows = (records.group == group) & (records.model == name)
+            if not rows.any():
+                continue
+            anchor = rows & anchor_rows
+            fitted = anchor_to(model, records.subset(anchor)) if anchor.any() else model
+            predictions = predict(fitted, records.subset(rows))
+            tokens[rows], quality[rows] = predictions.tokens, predictions.quality
+    return Predictions(tokens, quality)
+
+
+def _unseen_report(records: CallRecords, predictions: Predictions, anchor_rows: np.ndarray) -> dict:
+    """`calibration_report` over the non-anchor rows; verbosity effects (differences to
+    answer-only) over all rows, since they need the anchor cells too."""
+    unseen = ~anchor_rows
+    report = calibration_report(
+        records.subset(unseen), Predictions(predictions.tokens[unseen], predictions.quality[unseen])
+    )
+    report["verbosity_effect_mae"] = calibration_report(records, predictions)["verbosity_effect_mae"]
+    return report
+
+
+def evaluate_held_out(
+    model: ResponseModel, records: CallRecords, *, anchor_level: str | None = None
+) -> tuple[dict[str, float], Predictions]:
+    """Figures of a fitted model on tasks it never saw.
+
+    Arguments:
+        model: the fitted response model.
+        records: the held-out calls.
+        anchor_level: if set, each (task, model)'s calls at this verbosity level anchor
+            its intercepts (`anchor_to`) and the cell and per-call figures cover only
+            its other rows.
+
+    Returns:
+        The `calibration_report` and the per-call predictions.
+    """
+    anchor_rows = _anchor_rows(records, anchor_level)
+    predictions = _predict_deployments(model, records, anchor_rows)
+    return _unseen_report(records, predictions, anchor_rows), predictions
+
+
 def leave_one_group_out(
     records: CallRecords,
     *,
@@ -285,16 +343,7 @@ def leave_one_group_out(
         the held-out rows (minus anchor rows), and the per-call predictions (NaN for
         rows never predicted).
     """
-    from . import actions
-
-    anchor_rows = np.zeros(len(records), bool)
-    if anchor_level is not None:
-        if anchor_level not in actions.VERBOSITY_LEVELS:
-            raise ValueError(
-                f"anchor_level: expected one of {actions.VERBOSITY_LEVELS}, got {anchor_level!r}"
-            )
-        level = actions.VERBOSITY_LEVELS.index(anchor_level)
-        anchor_rows = actions.verbosity_level(records.action[:, 1]) == level
+    anchor_rows = _anchor_rows(records, anchor_level)
     if groups is None:
         levels = defaultdict(set)
         for g, p in zip(records.group, records.action[:, 1], strict=True):
@@ -320,17 +369,11 @@ def leave_one_group_out(
             weights=(~held_out).astype(float),
         )
         # A deployment is a (task, model) pair: each is anchored on its own calls.
-        for name in np.unique(records.model[held_out]) if anchor_level is not None else [None]:
-            target = held_out if name is None else held_out & (records.model == name)
-            fitted = model if name is None else anchor_to(model, records.subset(target & anchor_rows))
-            predictions = predict(fitted, records.subset(target))
-            tokens[target], quality[target] = predictions.tokens, predictions.quality
+        predictions = _predict_deployments(model, records.subset(held_out), anchor_rows[held_out])
+        tokens[held_out], quality[held_out] = predictions.tokens, predictions.quality
     held = np.isin(records.group, groups)
-    unseen = held & ~anchor_rows
-    report = calibration_report(records.subset(unseen), Predictions(tokens[unseen], quality[unseen]))
-    # Effects are differences to answer-only, so they need the anchor cells too.
-    effects = calibration_report(records.subset(held), Predictions(tokens[held], quality[held]))
-    report["verbosity_effect_mae"] = effects["verbosity_effect_mae"]
+    report = _unseen_report(records.subset(held), Predictions(tokens[held], quality[held]), anchor_rows[held])
+    tokens[anchor_rows], quality[anchor_rows] = np.nan, np.nan
     return report, Predictions(tokens, quality)
 
 

@@ -140,16 +140,14 @@ def _act(controller, state, context, model, config):
     return leader, action, info.converged
 
 
-def _outcome(model, action, x, key, sample):
-    tokens, quality = model(action, x)
-    if not sample:
-        return tokens, quality
+def _sampled_outcome(model, action, x, expected_quality, key):
+    """Drawn tokens (log-normal prompt and completion) and graded quality (share of 10 answers)."""
     k1, k2, k3 = jax.random.split(key, 3)
     prompt = model.prompt_tokens(action, x) * jnp.exp(jnp.exp(model.log_sigma_prompt) * jax.random.normal(k1))
     completion = model.completion_tokens(action, x) * jnp.exp(
         jnp.exp(model.log_sigma_completion) * jax.random.normal(k2)
     )
-    graded = jax.random.binomial(k3, 10.0, quality) / 10.0
+    graded = jax.random.binomial(k3, 10.0, expected_quality) / 10.0
     return prompt + completion, graded
 
 
@@ -157,7 +155,9 @@ def _step(controller, model, config, sample, state: SessionState, key):
     context = game.turn_context(model, state)
     leader, action, converged = _act(controller, state, context, model, config)
     expected_tokens, expected_quality = model(action, context.covariates)
-    tokens, quality = _outcome(model, action, context.covariates, key, sample)
+    tokens, quality = expected_tokens, expected_quality
+    if sample:
+        tokens, quality = _sampled_outcome(model, action, context.covariates, expected_quality, key)
     utility = game.leader_utility(action, leader, context, model, config)
     completion = model.completion_tokens(action, context.covariates)
     turn = state.turn + 1.0
