@@ -98,6 +98,15 @@ class LeaderPolicy(eqx.Module):
         return lower + (upper - lower) * jax.nn.sigmoid(self.mlp(inputs))
 
 
+class ConstantLeader(eqx.Module):
+    """A leader that always commits to the same signal (q, alpha); the follower still best-responds."""
+
+    signal: Float[Array, " 2"]
+
+    def __call__(self, state: SessionState) -> Float[Array, " 2"]:
+        return jnp.asarray(self.signal, jnp.float32)
+
+
 class Turn(eqx.Module):
     """One turn's outcome (a leading (sessions, turns) axis after `rollout`)."""
 
@@ -151,6 +160,25 @@ def _sampled_outcome(model, action, x, expected_quality, key):
     return prompt + completion, graded
 
 
+@eqx.filter_jit
+def decide(
+    controller: Any, model: ResponseModel, state: SessionState, config: GameConfig = DEFAULT_CONFIG
+) -> tuple[Float[Array, " 2"], Float[Array, " 3"], Any]:
+    """One session's decision this turn: `(leader signal, action, converged)`.
+
+    Arguments:
+        controller: a `LeaderPolicy`, `ConstantLeader`, `FixedAction` or `ThresholdRule`.
+        model: the response model the follower optimises against.
+        state: one (unbatched) session state.
+        config: the game.
+
+    Returns:
+        The signal applied (after smoothing and hold), the follower's action, and whether
+        its best response converged.
+    """
+    return _act(controller, state, game.turn_context(model, state), model, config)
+
+
 def _step(controller, model, config, sample, state: SessionState, key):
     context = game.turn_context(model, state)
     leader, action, converged = _act(controller, state, context, model, config)
@@ -193,7 +221,7 @@ def rollout(
     """Play `turns` turns of every session in `states` (leading axis = sessions).
 
     Arguments:
-        controller: a `LeaderPolicy`, `FixedAction` or `ThresholdRule`.
+        controller: a `LeaderPolicy`, `ConstantLeader`, `FixedAction` or `ThresholdRule`.
         model: the response model the simulator draws from.
         states: a batch of `SessionState`s.
         turns: turns per session.
