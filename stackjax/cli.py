@@ -103,6 +103,80 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _surrogate_config(args: argparse.Namespace):
+    from .deploy.surrogate import SurrogateConfig
+    from .governance import response
+
+    model = response.load(args.response_model) if args.response_model else None
+    return SurrogateConfig(
+        model=model,
+        seed=args.seed,
+        fault_429=args.fault_429,
+        fault_500=args.fault_500,
+        fault_slow=args.fault_slow,
+        fault_malformed=args.fault_malformed,
+        slow_seconds=args.slow_seconds,
+        tool_rounds=args.tool_rounds,
+        log=args.log,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .deploy import surrogate
+
+    try:
+        config = _surrogate_config(args)
+    except ValueError as err:
+        print(f"stackjax serve: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"stackjax serve: a SIMULATED OpenAI-compatible API (not a language model) on "
+        f"http://{args.host}:{args.port}/v1; usage and answers follow the response model.",
+        flush=True,
+    )
+    surrogate.serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import os
+
+    import openai
+
+    from .deploy import probes
+
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        print("stackjax probe: set OPENAI_API_KEY (any value for a local server)", file=sys.stderr)
+        return 2
+    try:
+        prompts = (
+            probes.load_prompts(args.prompts)
+            if args.prompts
+            else probes.arithmetic_prompts(args.prompts_count, seed=args.seed)
+        )
+        grid = probes.action_grid(
+            context=args.context_levels, verbosity=args.verbosity_levels, tools=args.tool_levels
+        )
+        planned = probes.plan(prompts, grid, models=args.model, samples=args.samples, repeats=args.repeats)
+    except ValueError as err:
+        print(f"stackjax probe: {err}", file=sys.stderr)
+        return 2
+    client = openai.AsyncOpenAI(
+        base_url=args.base_url, api_key=key, max_retries=args.max_retries, timeout=args.timeout
+    )
+    report = probes.run_probes(
+        client, planned, args.out, concurrency=args.concurrency, progress=not args.no_progress
+    )
+    print(
+        f"probes planned {report.planned}, already in the log {report.already_logged}, "
+        f"completed {report.completed}, failed {len(report.failed)} ({report.seconds:.1f} s) -> {args.out}"
+    )
+    for probe_id, reason in list(report.failed.items())[:5]:
+        print(f"  failed {probe_id}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stackjax",
@@ -149,6 +223,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--steps", type=int, default=400, help="L-BFGS iterations per fit")
     cal.set_defaults(run=_calibrate)
+
+    srv = commands.add_parser(
+        "serve",
+        help="serve a SIMULATED OpenAI-compatible Chat Completions API (offline stand-in)",
+        description="An OpenAI-compatible Chat Completions server that simulates an LLM: usage fields and "
+        "answers follow a response model (the calibrated one by default). It is a simulator, not a model.",
+    )
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--response-model", metavar="PATH", help="a response model saved by calibrate --out")
+    srv.add_argument("--seed", type=int, default=0)
+    for fault in ("429", "500", "slow", "malformed"):
+        srv.add_argument(
+            f"--fault-{fault}", type=float, default=0.0, metavar="RATE", help=f"{fault} fault rate"
+        )
+    srv.add_argument("--slow-seconds", type=float, default=2.0)
+    srv.add_argument("--tool-rounds", type=int, default=1, help="tool calls per user message when offered")
+    srv.add_argument("--log", metavar="PATH", help="the server's own JSONL record of every request")
+    srv.set_defaults(run=_serve)
+
+    prb = commands.add_parser(
+        "probe",
+        help="run a grid of actions over prompts against an API and log the calls for calibrate",
+        description="Probe an OpenAI-compatible endpoint (key from OPENAI_API_KEY) over a grid of actions; "
+        "resumable: probes already in --out are skipped.",
+    )
+    prb.add_argument("--base-url", required=True)
+    prb.add_argument("--model", action="append", required=True, help="model to probe (repeatable)")
+    prb.add_argument("--out", required=True, metavar="PATH", help="the JSONL call log (appended)")
+    prb.add_argument("--prompts", metavar="PATH", help="JSONL prompts (default: synthetic arithmetic)")
+    prb.add_argument(
+        "--prompts-count", type=int, default=12, help="synthetic prompts when --prompts is absent"
+    )
+    prb.add_argument("--context-levels", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    prb.add_argument("--verbosity-levels", type=float, nargs="+", default=[0.0, 1 / 3, 2 / 3, 1.0])
+    prb.add_argument("--tool-levels", type=float, nargs="+", default=[0.0])
+    prb.add_argument("--samples", type=int, default=1, help="answers drawn per call (n)")
+    prb.add_argument("--repeats", type=int, default=1)
+    prb.add_argument("--seed", type=int, default=0)
+    prb.add_argument("--concurrency", type=int, default=8)
+    prb.add_argument("--max-retries", type=int, default=4, help="the openai client's own retries")
+    prb.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    prb.add_argument("--no-progress", action="store_true")
+    prb.set_defaults(run=_probe)
     return parser
 
 
