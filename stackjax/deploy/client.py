@@ -92,6 +92,10 @@ class _Entry:
     tokens: float
     measured: bool
 
+    @property
+    def text_tokens(self) -> int:
+        return req.estimate_tokens(self.message)
+
 
 def _usage(response) -> dict:
     """The usage fields of a response, with details when the server reports them."""
@@ -225,7 +229,13 @@ class _SessionBase:
             raise ValueError("user_message: expected a non-empty string")
         tracker = self.tracker
         user = _Entry({"role": "user", "content": user_message}, req.estimate_tokens(user_message), False)
-        conversation = self.system_tokens + sum(e.tokens for e in self.history) + user.tokens
+        # The state's context size is read from the text (the documented estimate), not from
+        # billed counts: a simulator's drawn counts must not feed back into its own covariate.
+        conversation = float(
+            req.estimate_tokens(self.system_text or "")
+            + sum(e.text_tokens for e in self.history)
+            + user.tokens
+        )
         decision = self.client.governor.decide(tracker.state(conversation))
         c, p, u = decision.action
         result = TurnResult(None, None, None, decision, budget_left=self.budget_left)
@@ -273,6 +283,7 @@ class _SessionBase:
                     "turn": tracker.turn,
                 }
                 kwargs["extra_headers"] = {req.CONTEXT_HEADER: json.dumps(header)}
+            budget_before = tracker.budget_left / tracker.budget_tokens
             started = time.time()
             response = yield ("call", kwargs)
             finished = time.time()
@@ -310,7 +321,7 @@ class _SessionBase:
                     "task_type": self.task_type,
                     "context_tokens": conversation,
                     "complexity": tracker.complexity,
-                    "budget": tracker.budget_left / tracker.budget_tokens,
+                    "budget": budget_before,
                     "budget_tokens": tracker.budget_tokens,
                 },
                 "leader": {"quality_target": decision.leader[0], "subsidy": decision.leader[1]},
