@@ -306,3 +306,89 @@ def test_safe_set_repairs_the_action():
     tracker = governor.tracker("simple_qa", "gpt-4o", 0.5, 1000)
     decision = governor.decide(tracker.state(100.0))
     assert decision.action == pytest.approx((0.5, 2 / 3, 0.5)) and decision.repaired
+
+
+def _plain_server(with_usage: bool):
+    """A minimal Chat Completions server that is not ours: no stackjax header read, no
+    usage details (or no usage at all), no tools."""
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def completions(request):
+        body = await request.json()
+        reply = {
+            "id": "chatcmpl-plain",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Answer: 4"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if with_usage:
+            reply["usage"] = {"prompt_tokens": 50, "completion_tokens": 5, "total_tokens": 55}
+        return JSONResponse(reply)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("with_usage", [True, False])
+def test_governed_client_works_against_a_plain_server(tmp_path, with_usage, monkeypatch, capsys):
+    server, thread, base_url = _plain_server(with_usage)
+    try:
+        client = GovernedClient(
+            openai.OpenAI(base_url=base_url, api_key=KEY), "llama3", log=tmp_path / "p.jsonl"
+        )
+        session = client.session(budget_tokens=5000, grader=graders.Numeric())
+        result = session.ask("What is 2 + 2?", reference=4)
+        assert result.quality.score == 1.0 and result.calls == 1
+        entry = read_log(tmp_path / "p.jsonl")[0][0]
+        assert entry["usage_estimated"] is (not with_usage)
+        if with_usage:
+            assert entry["usage"] == {
+                "prompt_tokens": 50,
+                "completion_tokens": 5,
+                "cached_tokens": 0,
+                "reasoning_tokens": 0,
+            }
+        # The example runs against it too.
+        import runpy
+        from pathlib import Path
+
+        example = Path(__file__).resolve().parent.parent / "examples" / "govern_openai_agent.py"
+        monkeypatch.chdir(tmp_path)
+        argv = [
+            example.name,
+            "--base-url",
+            base_url,
+            "--model",
+            "llama3",
+            "--sessions",
+            "1",
+            "--turns",
+            "2",
+            "--no-tools",
+        ]
+        monkeypatch.setattr(sys, "argv", [*argv, "--api-key", KEY])
+        runpy.run_path(str(example), run_name="__main__")
+        out = capsys.readouterr().out
+        assert "2 turns" in out and "accuracy 0.00" in out and KEY not in out  # it always says 4
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

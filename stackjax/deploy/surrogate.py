@@ -362,7 +362,13 @@ class SurrogateServer:
         self.app = create_app(config)
         self._server = uvicorn.Server(
             uvicorn.Config(
-                self.app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+                self.app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                log_config=None,  # a library must not reconfigure the caller's logging
             )
         )
         self._thread = threading.Thread(target=self._server.run, name="stackjax-surrogate", daemon=True)
