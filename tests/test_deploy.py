@@ -392,3 +392,20 @@ def test_governed_client_works_against_a_plain_server(tmp_path, with_usage, monk
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_malformed_and_slow_replies_are_retried(tmp_path):
+    config = SurrogateConfig(
+        seed=2, fault_malformed=0.25, fault_slow=0.1, slow_seconds=1.0, log=tmp_path / "server.jsonl"
+    )
+    with SurrogateServer(config) as srv:
+        oc = openai.OpenAI(base_url=srv.base_url, api_key=KEY, timeout=0.5, max_retries=5)
+        session = GovernedClient(oc, "gpt-4o-mini", log=tmp_path / "g.jsonl").session(budget_tokens=1e6)
+        assert all(session.ask(f"What is {i} + 1?").text for i in range(8))
+        aclient = openai.AsyncOpenAI(base_url=srv.base_url, api_key=KEY, timeout=0.5, max_retries=5)
+        planned = probes.plan(probes.arithmetic_prompts(5, seed=3), probes.action_grid(context=(1.0,)))
+        report = probes.run_probes(aclient, planned, tmp_path / "p.jsonl", progress=False)
+    assert report.completed == len(planned) == 20 and not report.failed
+    assert len(read_log(tmp_path / "g.jsonl")[0]) == 8
+    faults = [r["fault"] for r in read_log(tmp_path / "server.jsonl")[0]]
+    assert faults.count("malformed") >= 3 and faults.count("slow") >= 1

@@ -397,7 +397,8 @@ class _SessionBase:
             self.client.log.append(record)
 
 
-def _retryable_malformed(error: Exception) -> bool:
+def malformed_reply(error: Exception) -> bool:
+    """Whether `error` is a reply the client could not parse (retried here, not by openai)."""
     import openai
 
     return isinstance(error, (json.JSONDecodeError, openai.APIResponseValidationError))
@@ -461,7 +462,7 @@ def _call_with_retries(openai_client, kwargs: dict):
         try:
             return openai_client.chat.completions.create(**kwargs)
         except Exception as error:
-            if not _retryable_malformed(error) or attempt == MALFORMED_RETRIES:
+            if not malformed_reply(error) or attempt == MALFORMED_RETRIES:
                 raise
             time.sleep(0.1 * 2**attempt)
     raise AssertionError("unreachable")
@@ -474,7 +475,7 @@ async def _acall_with_retries(openai_client, kwargs: dict):
         try:
             return await openai_client.chat.completions.create(**kwargs)
         except Exception as error:
-            if not _retryable_malformed(error) or attempt == MALFORMED_RETRIES:
+            if not malformed_reply(error) or attempt == MALFORMED_RETRIES:
                 raise
             await asyncio.sleep(0.1 * 2**attempt)
     raise AssertionError("unreachable")

@@ -33,6 +33,7 @@ from ..governance.features import TASK_TYPES
 from . import graders as grading
 from . import request as req
 from .calllog import CallLog, read_log, redact
+from .client import malformed_reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +189,7 @@ def _request(probe: Probe, max_tokens_field: str) -> tuple[dict, float]:
 def _transient(error: Exception) -> bool:
     import openai
 
-    if isinstance(
-        error, (json.JSONDecodeError, openai.APIResponseValidationError, openai.APIConnectionError)
-    ):
+    if malformed_reply(error) or isinstance(error, openai.APIConnectionError):
         return True  # APITimeoutError is an APIConnectionError
     if isinstance(error, openai.APIStatusError):
         return error.status_code in (408, 409, 429) or error.status_code >= 500
