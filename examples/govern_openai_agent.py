@@ -62,8 +62,10 @@ def main() -> None:
         if base_url is None:
             base_url = stack.enter_context(SurrogateServer()).base_url
             print(f"running against the stackjax surrogate (a simulator) at {base_url}")
-        client = GovernedClient(
-            openai.OpenAI(base_url=base_url, api_key=key), args.model, governor=Governor(), log=args.log
+        client = stack.enter_context(
+            GovernedClient(
+                openai.OpenAI(base_url=base_url, api_key=key), args.model, governor=Governor(), log=args.log
+            )
         )
         total_tokens, correct, turns = 0, 0.0, 0
         for s in range(args.sessions):

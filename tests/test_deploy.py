@@ -151,6 +151,8 @@ def test_truncated_last_line_is_skipped_and_a_resumed_log_appends_after_it(tmp_p
         log.append({"n": 3})
     records, skipped = read_log(path)
     assert [r["n"] for r in records] == [1, 3] and skipped == {"truncated or invalid JSON line": 1}
+    with pytest.raises(ValueError, match="closed"):
+        log.append({"n": 4})
 
 
 def test_the_key_never_appears(server, tmp_path):

@@ -67,6 +67,8 @@ class CallLog:
 
     def _write(self, data: bytes) -> None:
         with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"{self!r} is closed")
             written = os.write(self._fd, data)
             while written < len(data):  # a short write on a full disk or a signal
                 written += os.write(self._fd, data[written:])
@@ -81,9 +83,10 @@ class CallLog:
         self._write((redact(line, self._secrets) + "\n").encode("utf-8"))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> "CallLog":
         return self

@@ -158,6 +158,17 @@ class _ClientBase:
         self.max_tokens_field = max_tokens_field
         self.send_context_header = send_context_header
 
+    def close(self) -> None:
+        """Close the call log (the openai client stays open: it is the caller's)."""
+        if self.log is not None:
+            self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         # Never the key: the base URL and model identify the client well enough.
         base_url = str(getattr(self.openai, "base_url", ""))
