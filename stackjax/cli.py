@@ -68,10 +68,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     for key in REPORT_KEYS:
         value = report[key]
         print(f"  {key:22s} {value:.4f}" if isinstance(value, float) else f"  {key:22s} {value}")
+    by_group = report.pop("by_group")
+    print(f"\n  {'by task':28s} {'cells':>5s} {'token R2':>9s} {'quality MAE':>12s} {'effect MAE':>11s}")
+    for group, figures in by_group.items():
+        print(
+            f"  {group:28s} {figures['n_cells']:5d} {figures['token_r2_cell']:9.3f} "
+            f"{figures['quality_mae_cell']:12.3f} {figures['verbosity_effect_mae']:11.3f}"
+        )
     if args.json:
-        payload = {
-            k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in report.items()
-        }
+        number = lambda v: float(v) if isinstance(v, (float, np.floating)) else int(v)  # noqa: E731
+        payload = {k: number(v) for k, v in report.items()}
+        payload["by_group"] = {g: {k: number(v) for k, v in f.items()} for g, f in by_group.items()}
         payload["protocol"] = protocol
         payload["anchor_level"] = anchor
         _write_json_atomically(args.json, payload)

@@ -67,6 +67,14 @@ def test_leave_one_exam_out_with_anchor(real_records):
     assert report["n_cells"] == 48  # 8 exams x 2 models x 3 unseen verbosity levels
     assert report["token_r2_cell"] > 0.9
     assert report["quality_mae_cell"] < 0.08
+    # The per-exam breakdown partitions the pooled cells: its cell-weighted mean is the pooled MAE.
+    by_group = report["by_group"]
+    assert sorted(by_group) == sorted(set(real_records.group) - {"fewshot-addition"})
+    cells = np.array([f["n_cells"] for f in by_group.values()])
+    assert cells.sum() == 48
+    for key in ("quality_mae_cell", "verbosity_effect_mae"):
+        weighted = np.dot(cells, [f[key] for f in by_group.values()]) / cells.sum()
+        assert abs(weighted - report[key]) < 1e-9
     fewshot = real_records.group == "fewshot-addition"
     assert np.isnan(predictions.tokens[fewshot]).all()  # never held out
 

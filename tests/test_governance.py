@@ -239,6 +239,7 @@ def test_calibrate_cli_on_held_out_exam(tmp_path, capsys):
     unseen = [r for r in held if ",baseline," not in r and not r.endswith(",1")]  # error rows are skipped
     assert figures["n_calls"] == len(unseen)  # the answer-only calls anchor, the rest are predicted
     assert figures["token_r2_cell"] > 0.8
+    assert figures["by_group"]["sat-en-100"]["quality_mae_cell"] == figures["quality_mae_cell"]
     assert response.load(tmp_path / "model.eqx").tokens(jnp.ones(3) / 2, jnp.zeros(9)) > 0
     assert "token_r2_cell" in capsys.readouterr().out
 

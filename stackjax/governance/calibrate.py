@@ -295,6 +295,22 @@ def _unseen_report(records: CallRecords, predictions: Predictions, anchor_rows: 
     return report
 
 
+GROUP_KEYS = ("token_r2_cell", "quality_mae_cell", "verbosity_effect_mae", "n_cells", "n_calls")
+
+
+def _report_by_group(records: CallRecords, predictions: Predictions, anchor_rows: np.ndarray) -> dict:
+    """`_unseen_report` of each group (exam) on its own: where the pooled error comes from."""
+    out = {}
+    for group in np.unique(records.group):
+        rows = records.group == group
+        if not (rows & ~anchor_rows).any():
+            continue
+        sub = Predictions(predictions.tokens[rows], predictions.quality[rows])
+        report = _unseen_report(records.subset(rows), sub, anchor_rows[rows])
+        out[str(group)] = {k: report[k] for k in GROUP_KEYS}
+    return out
+
+
 def evaluate_held_out(
     model: ResponseModel, records: CallRecords, *, anchor_level: str | None = None
 ) -> tuple[dict[str, float], Predictions]:
@@ -308,11 +324,14 @@ def evaluate_held_out(
             its other rows.
 
     Returns:
-        The `calibration_report` and the per-call predictions.
+        The `calibration_report` (plus `by_group`: the cell figures of each task on its
+        own) and the per-call predictions.
     """
     anchor_rows = _anchor_rows(records, anchor_level)
     predictions = _predict_deployments(model, records, anchor_rows)
-    return _unseen_report(records, predictions, anchor_rows), predictions
+    report = _unseen_report(records, predictions, anchor_rows)
+    report["by_group"] = _report_by_group(records, predictions, anchor_rows)
+    return report, predictions
 
 
 def leave_one_group_out(
@@ -340,8 +359,9 @@ def leave_one_group_out(
 
     Returns:
         The `calibration_report` of the pooled held-out predictions, restricted to
-        the held-out rows (minus anchor rows), and the per-call predictions (NaN for
-        rows never predicted).
+        the held-out rows (minus anchor rows), with `by_group` (each exam's cell
+        figures on its own), and the per-call predictions (NaN for rows never
+        predicted).
     """
     anchor_rows = _anchor_rows(records, anchor_level)
     if groups is None:
@@ -372,7 +392,9 @@ def leave_one_group_out(
         predictions = _predict_deployments(model, records.subset(held_out), anchor_rows[held_out])
         tokens[held_out], quality[held_out] = predictions.tokens, predictions.quality
     held = np.isin(records.group, groups)
-    report = _unseen_report(records.subset(held), Predictions(tokens[held], quality[held]), anchor_rows[held])
+    pooled = Predictions(tokens[held], quality[held])
+    report = _unseen_report(records.subset(held), pooled, anchor_rows[held])
+    report["by_group"] = _report_by_group(records.subset(held), pooled, anchor_rows[held])
     tokens[anchor_rows], quality[anchor_rows] = np.nan, np.nan
     return report, Predictions(tokens, quality)
 
