@@ -27,7 +27,12 @@ JSONL schema `stackjax.call/1` (one object per line; `?` marks optional fields):
                   "trials"?: int, "successes"?: float}}
 
 Token counts are the API's own usage fields; `completion_tokens` is divided by
-`samples` so every record holds tokens per answer.
+`samples` so every record holds tokens per answer. For calls that draw n > 1
+answers, the completion noise the fit then finds (`sigma_completion`) is that of a
+mean of n answers: one answer varies more when answers to the same prompt vary
+independently. Logs whose calls all draw the same n cannot tell prompt-level from
+answer-level noise, so the fit does not try to; probe with n = 1 when a simulator
+needs one answer's noise.
 """
 
 import csv
