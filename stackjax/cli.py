@@ -36,6 +36,20 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2) + "\n"), binary=False)
 
 
+def _task_values(option: str, items: list[str]) -> dict[str, float]:
+    """Parse repeated `TASK=NUMBER` options."""
+    out = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            out[task.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"{option}: expected TASK=NUMBER, got {item!r}")
+    return out
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -43,13 +57,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     anchor = None if args.anchor_level == "none" else args.anchor_level
     try:
+        prior = response.ResponseModel.prior(_task_values("--verbosity-prior", args.verbosity_prior))
         records = data.load(args.data)
         evaluation = data.load(args.eval) if args.eval else None
     except ValueError as err:
         print(f"stackjax calibrate: {err}", file=sys.stderr)
         return 2
     print(f"fitting on {len(records)} calls ({records.n_skipped} rows skipped: {records.skipped or 'none'})")
-    model = calibrate.fit_response_model(records, steps=args.steps)
+    model = calibrate.fit_response_model(records, steps=args.steps, prior=prior)
     if args.out:
         response.save(model, args.out)
         print(f"saved the fitted response model to {args.out}")
@@ -61,7 +76,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     else:
         protocol = "leave-one-exam-out"
         report, _ = calibrate.leave_one_group_out(
-            records, steps=args.steps, anchor_level=anchor, progress=True
+            records, steps=args.steps, anchor_level=anchor, prior=prior, progress=True
         )
     anchor_note = f", anchored on each task's {anchor} calls" if anchor else ", no anchor"
     print(f"\n{protocol}{anchor_note}:")
@@ -227,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["answer_only", "concise", "chain_of_thought", "detailed", "none"],
         help="anchor each unseen (task, model)'s intercepts on its calls at this verbosity level and report "
         "on its other cells (default: answer_only); 'none' predicts unseen tasks from their type alone",
+    )
+    cal.add_argument(
+        "--verbosity-prior",
+        action="append",
+        default=[],
+        metavar="TASK=LOGIT",
+        help="prior belief that going from answer-only to chain of thought changes TASK's quality logit "
+        "by LOGIT (repeatable; for task types the logs do not cover). Default: no effect",
     )
     cal.add_argument("--steps", type=int, default=400, help="L-BFGS iterations per fit")
     cal.set_defaults(run=_calibrate)

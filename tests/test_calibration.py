@@ -162,6 +162,43 @@ def test_response_model_is_monotone_in_tokens():
         assert float(jnp.min(grads[:, coordinate])) >= 0.0
 
 
+def test_verbosity_prior_sets_the_stated_logit_change_for_its_task_only():
+    model = ResponseModel.prior({"data_analysis": 1.2})
+    logit_gain = lambda task: float(  # noqa: E731
+        model.quality_logit(jnp.array([0.0, 2 / 3, 0.0]), x := jnp.asarray(features.covariates(
+            np.array([features.TASK_TYPES.index(task)]), 0.5, 500.0, 0.5)[0], jnp.float32))
+        - model.quality_logit(jnp.zeros(3), x)
+    )  # fmt: skip
+
+    # Half the gain on each of the first two level steps, through the smooth ramps
+    # t [softplus(z / t) - softplus((z - 1) / t)] with z = 3p - k and t = 0.05.
+    def ramps(p):
+        t, z = 0.05, 3 * p - np.arange(2)
+        return t * (np.logaddexp(0, z / t) - np.logaddexp(0, (z - 1) / t))
+
+    steps = ramps(2 / 3).sum() - ramps(0.0).sum()
+    assert abs(logit_gain("data_analysis") - 0.6 * steps) < 1e-5
+    assert steps > 1.92  # i.e. within 4% of the stated 1.2 at chain of thought
+    assert abs(logit_gain("text_writing")) < 1e-3
+    with pytest.raises(ValueError, match="verbosity_quality: unknown task type 'maths'"):
+        ResponseModel.prior({"maths": 1.0})
+    with pytest.raises(ValueError, match="must be finite"):
+        ResponseModel.prior({"data_analysis": float("nan")})
+
+
+@needs_real_data
+def test_verbosity_prior_moves_an_uncovered_task_towards_it(real_records):
+    """With the maths exam held out, no record varies verbosity on maths: the prior is
+    all the fit has, so a stated gain raises the predicted effect; the other exams'
+    fit is the data's either way."""
+    kwargs = dict(groups=["aqua-rat-100"], anchor_level="answer_only", steps=200)
+    plain, _ = calibrate.leave_one_group_out(real_records, **kwargs)
+    informed, _ = calibrate.leave_one_group_out(
+        real_records, prior=ResponseModel.prior({"data_analysis": 1.0}), **kwargs
+    )
+    assert informed["verbosity_effect_mae"] < plain["verbosity_effect_mae"] - 0.1
+
+
 # ---------------------------------------------------------------- bad logs
 def _write(tmp_path, name, text):
     path = tmp_path / name

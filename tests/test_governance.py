@@ -248,3 +248,9 @@ def test_calibrate_cli_reports_unreadable_input(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("")
     assert cli(["calibrate", "--data", str(tmp_path / "empty.csv")]) == 2
     assert "empty" in capsys.readouterr().err
+    assert cli(["calibrate", "--data", str(tmp_path / "empty.csv"), "--verbosity-prior", "maths=1"]) == 2
+    assert "unknown task type 'maths'" in capsys.readouterr().err
+    assert (
+        cli(["calibrate", "--data", str(tmp_path / "empty.csv"), "--verbosity-prior", "data_analysis"]) == 2
+    )
+    assert "expected TASK=NUMBER" in capsys.readouterr().err

@@ -58,9 +58,11 @@ def negative_log_posterior(
     quality_nll = data["trials"] * jax.nn.softplus(logits) - data["successes"] * logits
     total = jnp.sum(weights * (token_nll + quality_nll)) / jnp.maximum(jnp.sum(weights), 1.0)
     diffs = jax.tree_util.tree_map(lambda m, p: jnp.sum((m - p) ** 2), model, prior)
-    # Task-specific verbosity effects on quality shrink towards the shared effect:
-    # with one or two exams per task type they otherwise fit each exam's noise.
-    task_effects = model.quality_verbosity[:, 1 : 1 + len(features.TASK_TYPES)]
+    # Task-specific verbosity effects on quality shrink towards the shared effect (plus
+    # any stated prior belief): with one or two exams per task type they otherwise fit
+    # each exam's noise.
+    tasks = slice(1, 1 + len(features.TASK_TYPES))
+    task_effects = model.quality_verbosity[:, tasks] - prior.quality_verbosity[:, tasks]
     return (
         total
         + prior_strength * sum(jax.tree_util.tree_leaves(diffs))
@@ -82,6 +84,7 @@ def fit_response_model(
     task_shrinkage: float = TASK_SHRINKAGE,
     weights: np.ndarray | None = None,
     init: ResponseModel | None = None,
+    prior: ResponseModel | None = None,
 ) -> ResponseModel:
     """Fit a `ResponseModel` to call records by maximum a posteriori.
 
@@ -93,6 +96,9 @@ def fit_response_model(
             verbosity effect on quality towards the shared one.
         weights: optional per-row weights (0 drops a row); default all ones.
         init: starting model (default: the prior).
+        prior: the prior mean (default `ResponseModel.prior()`; pass
+            `ResponseModel.prior(verbosity_quality=...)` to state beliefs about task
+            types the records do not cover).
 
     Returns:
         The fitted model.
@@ -104,7 +110,7 @@ def fit_response_model(
     w = np.ones(len(records)) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (len(records),) or np.any(w < 0) or not np.isfinite(w).all():
         raise ValueError("weights: expected one finite, non-negative weight per record")
-    prior = ResponseModel.prior()
+    prior = ResponseModel.prior() if prior is None else prior
     model, values = _fit(
         init or prior,
         _arrays(records),
@@ -342,6 +348,7 @@ def leave_one_group_out(
     prior_strength: float = 1e-3,
     task_shrinkage: float = TASK_SHRINKAGE,
     anchor_level: str | None = None,
+    prior: ResponseModel | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, float], Predictions]:
     """Hold out each group (exam) in turn, fit on the rest, predict it; pool the held-out predictions.
@@ -351,7 +358,7 @@ def leave_one_group_out(
         groups: the groups to hold out (default: every group with at least two
             verbosity levels, i.e. every exam of the prompt-style data). Other groups
             always stay in training.
-        steps, prior_strength: as for `fit_response_model`.
+        steps, prior_strength, task_shrinkage, prior: as for `fit_response_model`.
         anchor_level: if set (e.g. "answer_only"), each held-out (exam, model)'s calls
             at that verbosity level anchor its intercepts (`anchor_to`), and the cell
             and per-call figures cover only its other cells, which stay unseen.
@@ -387,6 +394,7 @@ def leave_one_group_out(
             prior_strength=prior_strength,
             task_shrinkage=task_shrinkage,
             weights=(~held_out).astype(float),
+            prior=prior,
         )
         # A deployment is a (task, model) pair: each is anchored on its own calls.
         predictions = _predict_deployments(model, records.subset(held_out), anchor_rows[held_out])

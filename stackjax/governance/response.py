@@ -16,6 +16,8 @@ so the model is smooth in the action. Observed tokens are log-normal around P an
 (scales `sigma_prompt`, `sigma_completion`); `tokens` returns the expected total.
 """
 
+from collections.abc import Mapping
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -70,15 +72,32 @@ class ResponseModel(eqx.Module):
     log_sigma_completion: Float[Array, ""]
 
     @classmethod
-    def prior(cls) -> "ResponseModel":
+    def prior(cls, verbosity_quality: Mapping[str, float] | None = None) -> "ResponseModel":
         """A plausible model before any data, from the paper's probe findings.
 
         ~300 prompt and ~100 completion tokens at the lowest settings, each verbosity
         level multiplying completions by about 2.7, full tools multiplying them by 3.1
-        (tool restriction cut tokens 68%) and adding ~0.25 quality.
+        (tool restriction cut tokens 68%) and adding ~0.25 quality. Verbosity has no
+        effect on quality unless stated.
+
+        Arguments:
+            verbosity_quality: optional prior belief per task type (a name in
+                `features.TASK_TYPES`): the change in quality logit from answer-only to
+                chain of thought, split evenly over those two steps. It is domain
+                knowledge for task types the logs do not cover; the fit pulls each task's
+                own effect towards it (`fit_response_model(prior=...)`).
         """
         zeros = np.zeros(_K, np.float32)
         ramp = lambda v: np.stack([_intercept(v)] * N_RAMPS)  # noqa: E731
+        quality_verbosity = ramp(0.0)
+        for task, logit in (verbosity_quality or {}).items():
+            if task not in features.TASK_TYPES:
+                raise ValueError(
+                    f"verbosity_quality: unknown task type {task!r}; expected one of {features.TASK_TYPES}"
+                )
+            if not np.isfinite(logit):
+                raise ValueError(f"verbosity_quality: the value for {task!r} must be finite, got {logit}")
+            quality_verbosity[:2, 1 + features.TASK_TYPES.index(task)] = logit / 2.0
         return cls(
             prompt_base=jnp.asarray(_intercept(np.log(300.0))),
             prompt_verbosity=jnp.asarray(ramp(-2.0)),
@@ -88,7 +107,7 @@ class ResponseModel(eqx.Module):
             completion_verbosity=jnp.asarray(ramp(0.6)),
             completion_tools=jnp.asarray(_intercept(0.72)),
             quality_base=jnp.asarray(_intercept(1.0)),
-            quality_verbosity=jnp.asarray(ramp(0.0)),
+            quality_verbosity=jnp.asarray(quality_verbosity),
             quality_context=jnp.asarray(zeros),
             quality_tools=jnp.asarray(_intercept(1.2)),
             log_sigma_prompt=jnp.asarray(np.log(0.3), jnp.float32),
