@@ -15,6 +15,7 @@ previous leader signal update. With `sample=True`, T and Q are drawn (log-normal
 tokens, quality as the share of 10 graded answers) instead of their expectations.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,10 +287,13 @@ def training_loss(
 
 
 @eqx.filter_jit
-def _train_step(params, static, opt_state, key, model, config, learning_rate, sessions, turns):
+def _train_step(params, static, opt_state, key, model, config, learning_rate, sessions, turns, spread):
     """One Adam step on a fresh batch; module-level so repeated training runs reuse the compilation."""
     optimizer = optax.adam(learning_rate)
     batch = sample_sessions(key, sessions, turns=turns)
+    if spread is not None:
+        # Every leaf of the batch leads with the session axis: split it across the devices.
+        batch = jax.lax.with_sharding_constraint(batch, spread)
 
     def loss(p):
         return training_loss(eqx.combine(p, static), model, batch, turns, config)[0]
@@ -311,6 +315,7 @@ def train_policy(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
 ) -> tuple[LeaderPolicy, np.ndarray]:
     """Train a leader policy by gradient descent through the followers' implicit best responses.
 
@@ -327,12 +332,25 @@ def train_policy(
         seed: fixes the session batches, hence the result.
         checkpoint: if set, the policy is saved there (atomically) at the end.
         progress: show a progress bar.
+        devices: if given, each batch's sessions are split across these devices
+            (`sessions` must divide evenly); the policy is replicated. Same result as
+            on one device, up to floating-point summation order.
 
     Returns:
         The trained policy and the training loss per step.
     """
     if steps < 1 or sessions < 1:
         raise ValueError("steps and sessions must be >= 1")
+    spread = None
+    if devices is not None:
+        devices = list(devices)
+        if not devices or sessions % len(devices):
+            raise ValueError(
+                f"devices: expected a non-empty list whose length divides sessions={sessions}, "
+                f"got {len(devices)} devices"
+            )
+        mesh = jax.sharding.Mesh(np.array(devices), ("sessions",))
+        spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("sessions"))
     params, static = eqx.partition(policy, eqx.is_inexact_array)
     state = optax.adam(learning_rate).init(params)
     losses = np.zeros(steps)
@@ -344,7 +362,7 @@ def train_policy(
         iterator = tqdm(iterator, desc="training leader policy")
     for i in iterator:
         params, state, value = _train_step(
-            params, static, state, keys[i], model, config, learning_rate, sessions, turns
+            params, static, state, keys[i], model, config, learning_rate, sessions, turns, spread
         )
         losses[i] = float(value)
         if not np.isfinite(losses[i]):
