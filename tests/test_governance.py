@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import run_on_simulated_devices
 
 import stackjax as sj
 from stackjax import cli as cli_module
@@ -177,16 +178,7 @@ print("sharded training ok")
 def test_training_split_across_devices_matches_one_device(tmp_path):
     """`train_policy(devices=...)` on 4 simulated CPU devices: the step compiles into 4
     partitions, and losses and parameters equal the one-device run."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "sharded_training.py"
-    script.write_text(SHARDED_TRAINING)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "sharded training ok" in run.stdout
+    assert "sharded training ok" in run_on_simulated_devices(SHARDED_TRAINING, tmp_path)
     with pytest.raises(ValueError, match="devices: expected a non-empty list"):
         session.train_policy(session.LeaderPolicy(jax.random.PRNGKey(0)), response.calibrated(), devices=[])
 

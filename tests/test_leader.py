@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_on_simulated_devices
 from problems import duopoly_contexts, duopoly_follower, duopoly_leader, duopoly_truth
 
 import stackjax as sj
@@ -190,6 +191,7 @@ SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from conftest import run_on_simulated_devices
 from problems import duopoly_contexts, duopoly_follower, duopoly_leader, duopoly_truth
 import stackjax as sj
 
@@ -223,19 +225,4 @@ print("sharded ok")
 def test_sessions_sharded_across_devices_give_the_same_answers(tmp_path):
     """Contexts placed on a 4-device mesh along the session axis: jit partitions the
     solve, the answers stay sharded and equal the one-device answers and the textbook."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_SCRIPT)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(Path(__file__).parent),
-    }
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "sharded ok" in run.stdout
+    assert "sharded ok" in run_on_simulated_devices(SHARDED_SCRIPT, tmp_path)
